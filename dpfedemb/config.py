@@ -1,0 +1,154 @@
+"""Every step's parameters as frozen dataclasses, validated in one place.
+
+Each dataclass validates itself in ``__post_init__`` through :func:`_check`, so a bad value fails
+before any work with a message naming the parameter, the value and the allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping, Type, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter is outside its allowed range; the message names it and the fix."""
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """Shape of the model's input images (from the data set card)."""
+
+    height: int = 28
+    width: int = 28
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("height", "width"):
+            v = getattr(self, f)
+            _check(_int(v) and 8 <= v <= 1024, f, v, "an integer in [8, 1024]")
+        _check(self.channels in (1, 3), "channels", self.channels, "1 (grey) or 3 (RGB)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+    """How users are simulated for a data set that has none (non-IID, seeded)."""
+
+    mean_examples_per_user: float = 20.0
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.mean_examples_per_user) and self.mean_examples_per_user >= 1,
+               "mean_examples_per_user", self.mean_examples_per_user, "a number >= 1")
+        _check(_finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+               "dirichlet_alpha", self.dirichlet_alpha, "a number > 0 (smaller = more skewed)")
+        _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    """Beam partitioning: validation limits, caps and virtual-client size."""
+
+    users_per_client: int = 1
+    max_examples_per_user: int = 64
+    min_examples_per_user: int = 1
+    max_image_side: int = 1024
+    allowed_channels: tuple[int, ...] = (1, 3)
+    max_user_id_bytes: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_int(self.users_per_client) and 1 <= self.users_per_client <= 100_000,
+               "users_per_client", self.users_per_client, "an integer in [1, 100000]")
+        _check(_int(self.max_examples_per_user) and self.max_examples_per_user >= 1,
+               "max_examples_per_user", self.max_examples_per_user, "an integer >= 1")
+        _check(_int(self.min_examples_per_user) and
+               1 <= self.min_examples_per_user <= self.max_examples_per_user,
+               "min_examples_per_user", self.min_examples_per_user,
+               f"an integer in [1, max_examples_per_user={self.max_examples_per_user}]")
+        _check(_int(self.max_image_side) and self.max_image_side >= 1,
+               "max_image_side", self.max_image_side, "an integer >= 1")
+        _check(bool(self.allowed_channels) and all(c in (1, 3, 4) for c in self.allowed_channels),
+               "allowed_channels", self.allowed_channels, "a non-empty subset of (1, 3, 4)")
+        _check(_int(self.max_user_id_bytes) and 1 <= self.max_user_id_bytes <= 4096,
+               "max_user_id_bytes", self.max_user_id_bytes, "an integer in [1, 4096]")
+        _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Backbone architecture and embedding."""
+
+    architecture: str = "small_cnn"
+    embedding_dim: int = 128
+    image: ImageSpec = ImageSpec()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.architecture in ("small_cnn", "mobilenet_v2_gn"), "architecture",
+               self.architecture, "'small_cnn' or 'mobilenet_v2_gn'")
+        _check(_int(self.embedding_dim) and 2 <= self.embedding_dim <= 4096, "embedding_dim",
+               self.embedding_dim, "an integer in [2, 4096]")
+        _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Centralized, non-private training of the backbone with a softmax head."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    augment: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_int(self.epochs) and 0 <= self.epochs <= 10_000, "epochs", self.epochs,
+               "an integer in [0, 10000]")
+        _check(_int(self.batch_size) and 1 <= self.batch_size <= 65_536, "batch_size",
+               self.batch_size, "an integer in [1, 65536]")
+        _check(_finite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+               self.learning_rate, "a number > 0")
+        _check(self.optimizer in ("adam", "sgdm"), "optimizer", self.optimizer, "'adam' or 'sgdm'")
+        _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+
+def from_mapping(cls: Type[T], values: Mapping[str, Any]) -> T:
+    """Build ``cls`` from a mapping, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    return cls(**values)  # type: ignore[call-arg]
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def names(cfgs: Iterable[Any]) -> list[str]:
+    """Field names of several configs (used to build CLIs and KFP parameter lists)."""
+    return [f.name for c in cfgs for f in dataclasses.fields(c)]
