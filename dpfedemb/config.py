@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, Type, TypeVar
+from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -152,3 +152,89 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 def names(cfgs: Iterable[Any]) -> list[str]:
     """Field names of several configs (used to build CLIs and KFP parameter lists)."""
     return [f.name for c in cfgs for f in dataclasses.fields(c)]
+
+
+MECHANISMS = ("gaussian_fixed", "gaussian_adaptive", "tree_aggregation")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """The DP mechanism of one private phase (training or fine-tuning)."""
+
+    mechanism: str = "gaussian_fixed"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 0.5
+    target_unclipped_quantile: float = 0.5
+    sampling: str = "poisson"
+    clients_per_round: int = 10
+    delta: float = 1e-5
+    accountant: str = "pld"
+    epsilon_budget: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check(self.mechanism in MECHANISMS, "mechanism", self.mechanism, f"one of {MECHANISMS}")
+        _check(_finite(self.noise_multiplier) and self.noise_multiplier >= 0, "noise_multiplier",
+               self.noise_multiplier, "a number >= 0 (0 = not private)")
+        _check(_finite(self.clip_norm) and self.clip_norm > 0, "clip_norm", self.clip_norm,
+               "a number > 0")
+        _check(_finite(self.target_unclipped_quantile) and 0 < self.target_unclipped_quantile < 1,
+               "target_unclipped_quantile", self.target_unclipped_quantile, "in (0, 1)")
+        _check(self.sampling in ("poisson", "fixed"), "sampling", self.sampling,
+               "'poisson' (what the accountant assumes by default) or 'fixed'")
+        _check(_int(self.clients_per_round) and self.clients_per_round >= 1, "clients_per_round",
+               self.clients_per_round, "an integer >= 1")
+        _check(_finite(self.delta) and 0 < self.delta < 1, "delta", self.delta,
+               "in (0, 1), below 1/users")
+        _check(self.accountant in ("pld", "rdp"), "accountant", self.accountant, "'pld' or 'rdp'")
+        _check(self.epsilon_budget is None or (_finite(self.epsilon_budget) and
+                                               self.epsilon_budget > 0),
+               "epsilon_budget", self.epsilon_budget, "a number > 0, or unset")
+        _check(self.mechanism != "tree_aggregation" or self.accountant == "rdp", "accountant",
+               self.accountant, "'rdp' with tree_aggregation (PLD does not support it)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Federated rounds: client work, server optimizer, checkpoints (DP settings separate)."""
+
+    algorithm: str = "dp_fedemb"
+    rounds: int = 20
+    client_learning_rate: float = 0.05
+    head_lr_scale: float = 10.0
+    reconstruction_steps: int = 2
+    local_epochs: int = 1
+    batch_size: int = 16
+    max_examples_per_client: int = 64
+    head: str = "dense"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    train_last_layers: int = 0
+    checkpoint_every: int = 5
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.algorithm in ("dp_fedemb", "dp_fedavg"), "algorithm", self.algorithm,
+               "'dp_fedemb' (local heads, backbone aggregated) or 'dp_fedavg' (global head)")
+        _check(_int(self.rounds) and 0 <= self.rounds <= 1_000_000, "rounds", self.rounds,
+               "an integer in [0, 1000000]")
+        for f in ("client_learning_rate", "head_lr_scale", "server_learning_rate"):
+            v = getattr(self, f)
+            _check(_finite(v) and v > 0, f, v, "a number > 0")
+        _check(_int(self.reconstruction_steps) and self.reconstruction_steps >= 0,
+               "reconstruction_steps", self.reconstruction_steps, "an integer >= 0")
+        _check(_int(self.local_epochs) and 1 <= self.local_epochs <= 100, "local_epochs",
+               self.local_epochs, "an integer in [1, 100]")
+        _check(_int(self.batch_size) and 1 <= self.batch_size <= 4096, "batch_size",
+               self.batch_size, "an integer in [1, 4096]")
+        _check(_int(self.max_examples_per_client) and self.max_examples_per_client >= 1,
+               "max_examples_per_client", self.max_examples_per_client, "an integer >= 1")
+        _check(self.head in ("dense", "cosine"), "head", self.head, "'dense' or 'cosine'")
+        _check(_finite(self.server_momentum) and 0 <= self.server_momentum < 1,
+               "server_momentum", self.server_momentum, "in [0, 1)")
+        _check(_int(self.train_last_layers) and self.train_last_layers >= 0, "train_last_layers",
+               self.train_last_layers, "an integer >= 0 (0 = all layers train)")
+        _check(_int(self.checkpoint_every) and self.checkpoint_every >= 1, "checkpoint_every",
+               self.checkpoint_every, "an integer >= 1")
+        _check(self.seed is None or (_int(self.seed) and self.seed >= 0), "seed", self.seed,
+               "unset (secret, from the OS) or an integer >= 0 (tests only: makes sampling "
+               "predictable)")
