@@ -238,3 +238,94 @@ class TrainConfig:
         _check(self.seed is None or (_int(self.seed) and self.seed >= 0), "seed", self.seed,
                "unset (secret, from the OS) or an integer >= 0 (tests only: makes sampling "
                "predictable)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineParams:
+    """Every pipeline parameter (the KFP UI form), flat, with the step configs derived from it.
+
+    ``epsilon_budget`` 0 means no budget (KFP parameters cannot be None).
+    """
+
+    users_per_client: int = 1
+    max_examples_per_user: int = 64
+    min_examples_per_user: int = 1
+    partition_seed: int = 0
+    architecture: str = "small_cnn"
+    embedding_dim: int = 128
+    model_seed: int = 0
+    pretrain_epochs: int = 3
+    pretrain_batch_size: int = 64
+    pretrain_learning_rate: float = 1e-3
+    algorithm: str = "dp_fedemb"
+    rounds: int = 20
+    clients_per_round: int = 50
+    mechanism: str = "gaussian_fixed"
+    noise_multiplier: float = 0.7
+    clip_norm: float = 0.5
+    sampling: str = "poisson"
+    delta: float = 1e-5
+    accountant: str = "pld"
+    epsilon_budget: float = 0.0
+    client_learning_rate: float = 0.02
+    head_lr_scale: float = 10.0
+    reconstruction_steps: int = 2
+    batch_size: int = 16
+    max_examples_per_client: int = 32
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    finetune_rounds: int = 0
+    finetune_client_learning_rate: float = 0.01
+    finetune_noise_multiplier: float = 0.7
+    finetune_train_last_layers: int = 1
+    eval_seed: int = 0
+    eval_bootstrap_resamples: int = 200
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.epsilon_budget) and self.epsilon_budget >= 0, "epsilon_budget",
+               self.epsilon_budget, "a number >= 0 (0 = no budget)")
+        for f in ("eval_seed", "model_seed"):
+            v = getattr(self, f)
+            _check(_int(v) and v >= 0, f, v, "an integer >= 0")
+        _check(_int(self.eval_bootstrap_resamples) and 0 <= self.eval_bootstrap_resamples <= 10_000,
+               "eval_bootstrap_resamples", self.eval_bootstrap_resamples, "in [0, 10000]")
+        # Building every derived config validates every other field, naming it.
+        self.partition()
+        self.model(ImageSpec())
+        self.pretrain()
+        self.train_phase("train")
+        self.train_phase("finetune")
+
+    def partition(self) -> PartitionConfig:
+        return PartitionConfig(users_per_client=self.users_per_client,
+                               max_examples_per_user=self.max_examples_per_user,
+                               min_examples_per_user=self.min_examples_per_user,
+                               seed=self.partition_seed)
+
+    def model(self, image: ImageSpec) -> ModelConfig:
+        return ModelConfig(architecture=self.architecture, embedding_dim=self.embedding_dim,
+                           image=image, seed=self.model_seed)
+
+    def pretrain(self) -> PretrainConfig:
+        return PretrainConfig(epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
+                              learning_rate=self.pretrain_learning_rate, seed=self.model_seed)
+
+    def train_phase(self, phase: str) -> tuple[TrainConfig, PrivacyConfig]:
+        """The (TrainConfig, PrivacyConfig) of the 'train' or 'finetune' phase."""
+        fine = phase == "finetune"
+        train = TrainConfig(
+            algorithm=self.algorithm, rounds=self.finetune_rounds if fine else self.rounds,
+            client_learning_rate=(self.finetune_client_learning_rate if fine
+                                  else self.client_learning_rate),
+            head_lr_scale=self.head_lr_scale, reconstruction_steps=self.reconstruction_steps,
+            batch_size=self.batch_size, max_examples_per_client=self.max_examples_per_client,
+            server_learning_rate=self.server_learning_rate, server_momentum=self.server_momentum,
+            train_last_layers=self.finetune_train_last_layers if fine else 0)
+        priv = PrivacyConfig(
+            mechanism=self.mechanism,
+            noise_multiplier=self.finetune_noise_multiplier if fine else self.noise_multiplier,
+            clip_norm=self.clip_norm, sampling=self.sampling,
+            clients_per_round=self.clients_per_round, delta=self.delta,
+            accountant="rdp" if self.mechanism == "tree_aggregation" else self.accountant,
+            epsilon_budget=self.epsilon_budget or None)
+        return train, priv

@@ -246,6 +246,18 @@ def max_rounds(target_epsilon: float, m: Mechanism, limit: int = 10_000_000) -> 
     return lo
 
 
+# The privacy keys every artifact that carries privacy metadata uses (KFP .metadata, reports,
+# privacy.json): lineage queries and auditors find the same names everywhere.
+PRIVACY_KEYS = ("mechanism", "noise_multiplier", "clip_norm", "sampling", "sampling_rate",
+                "clients_per_round", "rounds", "users_per_client", "num_users", "num_clients",
+                "neighboring_relation", "accountant", "epsilon", "delta")
+
+
+def privacy_metadata(record: dict) -> dict[str, Any]:
+    """The :data:`PRIVACY_KEYS` of a privacy.json record (epsilon 'inf' stays a string)."""
+    return {k: record.get(k) for k in PRIVACY_KEYS}
+
+
 def epsilon_json(e: float) -> Any:
     """Epsilon for JSON: infinity is the string "inf" (JSON has no infinity)."""
     return "inf" if math.isinf(e) else e
