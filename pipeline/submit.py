@@ -10,8 +10,10 @@ and the privacy ledger records the DP events of this run, never those of a cache
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,13 +71,9 @@ def _check_cron_field(field: str, name: str, low: int, high: int, names: dict, e
         if base == "*":
             continue
         first, dash, last = base.partition("-")
-        a = _cron_value(first, name, low, high, names, expr)
-        if dash:
-            b = _cron_value(last, name, low, high, names, expr)
-            if a > b:
-                raise _cron_error(expr, f"{name} range {base!r} runs backwards")
-        elif slash:
-            pass  # 'a/n': from a to the end, every n
+        a = _cron_value(first, name, low, high, names, expr)  # 'a', or 'a/n': from a on, every n
+        if dash and a > _cron_value(last, name, low, high, names, expr):
+            raise _cron_error(expr, f"{name} range {base!r} runs backwards")
 
 
 def validate_cron(expr: str) -> str:
@@ -277,24 +275,26 @@ def submit_kfp(package_path: str, *, host: str, parameters: dict, experiment: st
     spec = _load_package(package_path)
     params = _check_parameters(spec, parameters, package_path)
 
-    if client is None:
-        import kfp
-
-        client = kfp.Client(host=host.rstrip("/"))
-
     out = {"backend": "kfp", "host": host, "experiment": experiment, "parameters": params}
-    if cron6 is None:
-        result = client.create_run_from_pipeline_package(
-            package_path, arguments=params, run_name=run_name, experiment_name=experiment,
-            enable_caching=False)
-        exp_id = getattr(result.run_info, "experiment_id", None)
-        return {**out, "kind": "run", "resource_name": result.run_id, "run_id": result.run_id,
-                "experiment_id": exp_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}
-    exp = client.create_experiment(name=experiment)  # gets the experiment when it exists
-    job_name = run_name or f"{spec['pipelineInfo'].get('name', 'dpfedemb')}-recurring"
-    rr = client.create_recurring_run(
-        experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron6,
-        pipeline_package_path=package_path, params=params, enable_caching=False)
+    # kfp.Client prints links ("Experiment details: ...") to stdout: send them to stderr, so that the
+    # CLI's stdout carries only its own result.
+    with contextlib.redirect_stdout(sys.stderr):
+        if client is None:
+            import kfp
+
+            client = kfp.Client(host=host.rstrip("/"))
+        if cron6 is None:
+            result = client.create_run_from_pipeline_package(
+                package_path, arguments=params, run_name=run_name, experiment_name=experiment,
+                enable_caching=False)
+            exp_id = getattr(result.run_info, "experiment_id", None)
+            return {**out, "kind": "run", "resource_name": result.run_id, "run_id": result.run_id,
+                    "experiment_id": exp_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}
+        exp = client.create_experiment(name=experiment)  # gets the experiment when it exists
+        job_name = run_name or f"{spec['pipelineInfo'].get('name', 'dpfedemb')}-recurring"
+        rr = client.create_recurring_run(
+            experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron6,
+            pipeline_package_path=package_path, params=params, enable_caching=False)
     return {**out, "kind": "schedule", "resource_name": rr.recurring_run_id,
             "recurring_run_id": rr.recurring_run_id, "experiment_id": exp.experiment_id,
             "job_name": job_name, "cron": cron6,

@@ -145,8 +145,10 @@ def kfp_server(fake_http, monkeypatch, tmp_path):
     return server
 
 
-def test_kfp_run_sends_spec_and_parameters(kfp_server, package):
+def test_kfp_run_sends_spec_and_parameters(kfp_server, package, capsys):
     out = submit_kfp(package, host=KFP_HOST, parameters=PARAMS, experiment="dp-exp", run_name="nightly")
+    printed = capsys.readouterr()
+    assert "Run details" in printed.err and printed.out == ""  # kfp's links go to stderr, not stdout
 
     runs = kfp_server.find("POST", r"/runs$")
     assert len(runs) == 1
@@ -233,9 +235,12 @@ def vertex_server(fake_http):
 
 @pytest.fixture
 def anonymous():
+    """Credentials that attach nothing; afterwards aiplatform's process-wide init() settings are reset."""
     from google.auth.credentials import AnonymousCredentials
+    from google.cloud.aiplatform import initializer
 
-    return AnonymousCredentials()
+    yield AnonymousCredentials()
+    initializer.global_config.__init__()
 
 
 def test_vertex_run_sends_spec_parameters_and_root(vertex_server, package, anonymous):
@@ -257,6 +262,9 @@ def test_vertex_run_sends_spec_parameters_and_root(vertex_server, package, anony
     assert all(t["cachingOptions"].get("enableCache", False) is False
                for t in body["pipelineSpec"]["root"]["dag"]["tasks"].values())
     assert req["query"]["pipelineJobId"][0].startswith("tiny-dp-")
+    # Before creating the job the SDK checked that pipeline_root's bucket exists (and did not create one).
+    assert [r["method"] for r in vertex_server.requests if r["host"] == "storage.googleapis.com"] == ["GET"]
+    assert vertex_server.find("GET", r"^/storage/v1/b/dp-artifacts$")
     # Anonymous credentials: no Authorization header was attached.
     assert "Authorization" not in req["headers"] and "authorization" not in req["headers"]
     assert {r["host"] for r in vertex_server.requests} <= {VERTEX_HOST, "storage.googleapis.com"}

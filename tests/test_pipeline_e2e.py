@@ -1,0 +1,83 @@
+"""One end-to-end run of the real local pipeline on tiny data (the only full run in the suite)."""
+import json
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+from dpfedemb import privacy
+from dpfedemb.config import SimulationConfig
+from dpfedemb.data import importers
+from pipeline import audit, local_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(8), 40)
+    x = rng.integers(0, 60, (len(y), 28, 28)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, 3 * c:3 * c + 4, :] = 220
+    users = np.asarray([b"secret-person-%03d" % (i % 40) for i in range(len(y))], object)
+    importers.import_arrays(x, y, users, str(d / "data"), SimulationConfig(), source="test",
+                            licence="test", holdout_classes=[7], eval_fraction=0.2,
+                            public_fraction=0.2)
+    from pipeline.__main__ import _params
+    params = _params([("rounds", 2), ("clients_per_round", 4), ("pretrain_epochs", 1),
+                      ("finetune_rounds", 1), ("eval_bootstrap_resamples", 10),
+                      ("embedding_dim", 16), ("max_examples_per_client", 16)])
+    summary = local_run.run(str(d / "data"), "/nonexistent", str(d / "runs"), params)
+    return {"summary": summary, "users": set(users), "dir": d}
+
+
+def test_run_ends_with_a_consistent_summary(run):
+    s = run["summary"]
+    assert s["consistent"] is True
+    assert isinstance(s["epsilon"], float) and s["epsilon"] > 0 and s["delta"] == 1e-5
+    assert set(s["recall_at_1"]) == {"raw_pixels", "pretrained", "trained", "finetuned"}
+    assert all(0 <= v <= 1 for v in s["recall_at_1"].values())
+    text = local_run.format_summary(s)
+    assert "epsilon" in text and "recall@1 trained" in text and s["report_html"] in text
+
+
+def test_every_artifact_exists_and_carries_the_privacy_keys(run):
+    lineage = json.load(open(os.path.join(run["summary"]["run_dir"], "lineage.json")))
+    arts = {(a["task"], a["output"]): a for a in lineage["artifacts"] if "uri" in a}
+    for key in [("partition-users", "partitions"), ("pretrain-public", "model"),
+                ("train-dp-federated", "model"), ("train-dp-federated", "privacy_ledger"),
+                ("finetune", "model"), ("finetune", "privacy_ledger"), ("evaluate", "evaluation"),
+                ("evaluate", "report_md"), ("evaluate", "report_html"), ("evaluate", "metrics")]:
+        assert os.path.exists(arts[key]["uri"]), key
+    for key in [("train-dp-federated", "model"), ("finetune", "privacy_ledger"),
+                ("evaluate", "report_html"), ("evaluate", "evaluation")]:
+        assert set(privacy.PRIVACY_KEYS) <= set(arts[key]["metadata"]), key
+    meta = arts[("evaluate", "evaluation")]["metadata"]
+    assert meta["epsilon"] == pytest.approx(run["summary"]["epsilon"])
+    assert {"recall_at_1_trained", "recall_at_1_pretrained"} <= set(meta)
+    ledger = json.load(open(arts[("finetune", "privacy_ledger")]["uri"]))
+    assert [p["phase"] for p in ledger["phases"]] == ["train", "finetune"] and ledger["rounds"] == 3
+    html = open(arts[("evaluate", "report_html")]["uri"]).read()
+    assert all(k in html for k in privacy.PRIVACY_KEYS)
+
+
+def test_audit_reads_the_same_numbers(run):
+    report = audit.audit(run["summary"]["run_dir"])
+    assert report["consistent"], report["problems"]
+    assert report["privacy"]["epsilon"] == run["summary"]["epsilon"]
+    assert report["parameters"]["rounds"] == 2
+
+
+def test_no_raw_user_id_and_no_secret_in_any_output(run):
+    needles = [u for u in run["users"]] + [b"secret-person"]
+    for dirpath, _, files in os.walk(run["summary"]["run_dir"]):
+        for name in files:
+            data = open(os.path.join(dirpath, name), "rb").read()
+            assert not any(n in data for n in needles), os.path.join(dirpath, name)
+    assert not [p for p in os.listdir(run["dir"]) if "secret" in p]
+
+
+def test_no_tff_worker_left_behind(run):
+    assert not [c for c in psutil.Process().children(recursive=True)
+                if "worker_binary" in " ".join(c.cmdline())]
