@@ -15,10 +15,14 @@ T = TypeVar("T")
 class ConfigError(ValueError):
     """A parameter is outside its allowed range; the message names it and the fix."""
 
+    def __init__(self, message: str, name: str = "", value: Any = None, allowed: str = "") -> None:
+        super().__init__(message)
+        self.name, self.value, self.allowed = name, value, allowed
+
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
+        raise ConfigError(f"invalid {name}={value!r}: must be {allowed}", name, value, allowed)
 
 
 def _finite(x: float) -> bool:
@@ -296,36 +300,52 @@ class PipelineParams:
         self.train_phase("train")
         self.train_phase("finetune")
 
+    def _derive(self, cls: Type[T], names: Mapping[str, str], **fixed: Any) -> T:
+        """``cls`` built from pipeline parameters (``names``: config field -> parameter) and
+        ``fixed`` values; an invalid value is reported under the pipeline parameter's name,
+        the one the user set."""
+        try:
+            return cls(**{f: getattr(self, p) for f, p in names.items()}, **fixed)
+        except ConfigError as e:
+            name = names.get(e.name, e.name)
+            raise ConfigError(f"invalid {name}={e.value!r}: must be {e.allowed}", name, e.value,
+                              e.allowed) from None
+
     def partition(self) -> PartitionConfig:
-        return PartitionConfig(users_per_client=self.users_per_client,
-                               max_examples_per_user=self.max_examples_per_user,
-                               min_examples_per_user=self.min_examples_per_user,
-                               seed=self.partition_seed)
+        return self._derive(PartitionConfig, {
+            "users_per_client": "users_per_client", "max_examples_per_user": "max_examples_per_user",
+            "min_examples_per_user": "min_examples_per_user", "seed": "partition_seed"})
 
     def model(self, image: ImageSpec) -> ModelConfig:
-        return ModelConfig(architecture=self.architecture, embedding_dim=self.embedding_dim,
-                           image=image, seed=self.model_seed)
+        return self._derive(ModelConfig, {"architecture": "architecture",
+                                          "embedding_dim": "embedding_dim", "seed": "model_seed"},
+                            image=image)
 
     def pretrain(self) -> PretrainConfig:
-        return PretrainConfig(epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
-                              learning_rate=self.pretrain_learning_rate, seed=self.model_seed)
+        return self._derive(PretrainConfig, {
+            "epochs": "pretrain_epochs", "batch_size": "pretrain_batch_size",
+            "learning_rate": "pretrain_learning_rate", "seed": "model_seed"})
 
     def train_phase(self, phase: str) -> tuple[TrainConfig, PrivacyConfig]:
         """The (TrainConfig, PrivacyConfig) of the 'train' or 'finetune' phase."""
         fine = phase == "finetune"
-        train = TrainConfig(
-            algorithm=self.algorithm, rounds=self.finetune_rounds if fine else self.rounds,
-            client_learning_rate=(self.finetune_client_learning_rate if fine
-                                  else self.client_learning_rate),
-            head_lr_scale=self.head_lr_scale, reconstruction_steps=self.reconstruction_steps,
-            batch_size=self.batch_size, max_examples_per_client=self.max_examples_per_client,
-            server_learning_rate=self.server_learning_rate, server_momentum=self.server_momentum,
-            train_last_layers=self.finetune_train_last_layers if fine else 0)
-        priv = PrivacyConfig(
-            mechanism=self.mechanism,
-            noise_multiplier=self.finetune_noise_multiplier if fine else self.noise_multiplier,
-            clip_norm=self.clip_norm, sampling=self.sampling,
-            clients_per_round=self.clients_per_round, delta=self.delta,
+        shared = {f: f for f in ("algorithm", "head_lr_scale", "reconstruction_steps", "batch_size",
+                                 "max_examples_per_client", "server_learning_rate",
+                                 "server_momentum")}
+        if fine:
+            train = self._derive(TrainConfig, {
+                **shared, "rounds": "finetune_rounds",
+                "client_learning_rate": "finetune_client_learning_rate",
+                "train_last_layers": "finetune_train_last_layers"})
+        else:
+            train = self._derive(TrainConfig, {**shared, "rounds": "rounds",
+                                               "client_learning_rate": "client_learning_rate"},
+                                 train_last_layers=0)
+        # Tree aggregation is accounted under RDP only (PLD does not support it).
+        priv = self._derive(PrivacyConfig, {
+            "mechanism": "mechanism", "clip_norm": "clip_norm", "sampling": "sampling",
+            "clients_per_round": "clients_per_round", "delta": "delta",
+            "noise_multiplier": "finetune_noise_multiplier" if fine else "noise_multiplier"},
             accountant="rdp" if self.mechanism == "tree_aggregation" else self.accountant,
             epsilon_budget=self.epsilon_budget or None)
         return train, priv

@@ -196,7 +196,7 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
         progress.rounds_run = r
         log.info("round %d/%d clients %d loss %s clipped %s (non-private diagnostics) "
                  "epsilon %s %.0f examples/s eta %.0fs", r, budget_rounds, row["clients"],
-                 row["loss"], row["fraction_clipped"], row["epsilon"], rate, eta)
+                 _fmt(row["loss"]), _fmt(row["fraction_clipped"]), _fmt(eps), rate, eta)
         if r % train.checkpoint_every == 0 or r == budget_rounds:
             progress.sampler = sampler.get_state()
             _checkpoint_save(ckpt, state, progress)
@@ -223,6 +223,10 @@ def _num(x: Any) -> Optional[float]:
     """A float for JSON; NaN (a round where Poisson sampling picked no client) becomes None."""
     v = float(x)
     return None if math.isnan(v) else v
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.4f}")
 
 
 def aggregator_dp_event(state: Any) -> str:
