@@ -271,13 +271,17 @@ class PipelineParams:
     delta: float = 1e-5
     accountant: str = "pld"
     epsilon_budget: float = 0.0
-    client_learning_rate: float = 0.02
+    # Measured on the default data (Fashion-MNIST, ~2,900 users, 50 clients/round, z=0.7, 20
+    # rounds, epsilon 2.44): server lr 1.0 / momentum 0.9 / client lr 0.02 lowered recall@1 from
+    # 0.819 (pretrained) to 0.796, because the noise (norm ~7.7 per round over 1.2M weights)
+    # outweighs the clipped signal; lr 0.3 / momentum 0.5 / client lr 0.05 raised it to 0.828.
+    client_learning_rate: float = 0.05
     head_lr_scale: float = 10.0
     reconstruction_steps: int = 2
     batch_size: int = 16
     max_examples_per_client: int = 32
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.9
+    server_learning_rate: float = 0.3
+    server_momentum: float = 0.5
     finetune_rounds: int = 0
     finetune_client_learning_rate: float = 0.01
     finetune_noise_multiplier: float = 0.7

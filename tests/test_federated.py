@@ -98,10 +98,19 @@ def test_noise_std_matches_z_c_over_denominator():
     assert not np.allclose(agg, again)  # unseeded: noise is not reproducible
 
 
-def test_non_private_run_and_resume_gives_identical_weights(setup):
+NOISE_OFF = dict(noise_multiplier=0.0, clients_per_round=4, clip_norm=10.0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """A non-private 4-round run, never interrupted: the reference for resume tests."""
+    return _run(setup, "np_full", TrainConfig(**FAST), PrivacyConfig(**NOISE_OFF))
+
+
+def test_non_private_run_and_resume_gives_identical_weights(setup, uninterrupted):
     tcfg = TrainConfig(**FAST)
-    pcfg = PrivacyConfig(noise_multiplier=0.0, clients_per_round=4, clip_norm=10.0)
-    full, rec = _run(setup, "np_full", tcfg, pcfg)
+    pcfg = PrivacyConfig(**NOISE_OFF)
+    full, rec = uninterrupted
     assert rec["epsilon"] == "inf" and rec["private"] is False and rec["rounds"] == 4
     metrics = json.load(open(os.path.join(full, "metrics.json")))
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
@@ -172,3 +181,41 @@ def test_no_worker_process_is_left_behind(setup):
     import psutil
     assert not [c for c in psutil.Process().children(recursive=True)
                 if "worker_binary" in " ".join(c.cmdline())]
+
+
+def test_sigkill_three_times_then_resume_matches_the_uninterrupted_run(setup, uninterrupted):
+    """The training CLI killed with SIGKILL (whole process group, TFF worker included) right
+    after it reports a new round, three times; each restart resumes from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    full, rec = uninterrupted
+    out = str(setup["dir"] / "killed")
+    argv = [sys.executable, "-m", "dpfedemb.train", "--clients", setup["part"],
+            "--init", setup["init"], "--output", out, "--checkpoint-dir", out + "-ckpt",
+            "--rounds", "4", "--batch-size", "8", "--max-examples-per-client", "16",
+            "--checkpoint-every", "1", "--seed", "1", "--noise-multiplier", "0",
+            "--clients-per-round", "4", "--clip-norm", "10"]
+    seen_rounds = []
+    for kill in range(4):
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True, start_new_session=True)
+        for line in proc.stderr:
+            if " round " in line and "/4 clients" in line:
+                r = int(line.split(" round ")[1].split("/")[0])
+                if kill < 3 and r not in seen_rounds:
+                    seen_rounds.append(r)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=120)
+        if kill < 3:
+            assert proc.returncode == -signal.SIGKILL
+            assert not os.path.exists(os.path.join(out, "weights.npz"))
+    assert proc.returncode == 0, "the final resume must finish"
+    assert len(seen_rounds) == 3
+    again = json.load(open(os.path.join(out, "privacy.json")))
+    assert again["rounds"] == rec["rounds"] == 4 and again["epsilon"] == rec["epsilon"]
+    rounds = [r["round"] for r in json.load(open(os.path.join(out, "metrics.json")))["rounds"]]
+    assert rounds == [1, 2, 3, 4]
+    for a, b in zip(_weights(full), _weights(out)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
