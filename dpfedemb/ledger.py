@@ -96,6 +96,11 @@ def _validate_entry(entry: dict[str, Any]) -> None:
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
         raise ValueError(f"ledger entry {entry['entry_id']!r}: rounds_run={rounds!r} must be an "
                          "integer >= 0")
+    eps = entry["epsilon_of_phase"]
+    if not (eps == "inf" or (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                             and math.isfinite(eps) and eps >= 0)):
+        raise ValueError(f"ledger entry {entry['entry_id']!r}: epsilon_of_phase={eps!r} must be a "
+                         'number >= 0 or "inf"')
     try:
         mechanism_of(entry["mechanism"])
     except (ConfigError, TypeError) as e:
@@ -171,7 +176,8 @@ def _append_local(path: str, population_id: str, entry: dict[str, Any]) -> dict[
             doc, changed = _merged(_parse(_read_local(path), path), path, population_id, entry)
             if not changed:
                 return doc
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".",
+                                       suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(_encode(doc))
@@ -218,8 +224,9 @@ def _gcs_errors(uri: str, action: str) -> Iterator[None]:
     except (gexc.PreconditionFailed, StorageError):
         raise
     except gexc.Forbidden as e:
-        raise StorageError(f"cannot {action} ledger {uri}: permission denied ({e.message}); the "
-                           "service account needs object read/create/delete on the bucket") from e
+        raise StorageError(f"cannot {action} ledger {uri}: permission denied ({e.message}); it "
+                           "needs storage.objects.get, list, create and delete on the bucket") \
+            from e
     except gexc.NotFound as e:
         raise StorageError(f"cannot {action} ledger {uri}: not found ({e.message}); check that "
                            "the bucket exists") from e

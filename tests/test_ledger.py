@@ -70,25 +70,25 @@ def test_append_is_idempotent_on_entry_id(tmp_path, entry):
     assert len(again["entries"]) == 1 and again["entries"][0]["rounds_run"] == 50
 
 
-def test_lifetime_epsilon_is_epsilon_of_all_phases(tmp_path, entry):
+def test_lifetime_epsilon_is_epsilon_of_all_phases(tmp_path):
     uri = str(tmp_path / "l.json")
-    ft = _mech(noise_multiplier=1.5, rounds=20, accountant="pld")
-    record = {"phases": [{"phase": "train", **_mech(accountant="pld").to_dict(), "rounds_run": 50},
+    train, ft = _mech(accountant="pld"), _mech(noise_multiplier=1.5, rounds=20)
+    record = {"phases": [{"phase": "train", **train.to_dict(), "rounds_run": 50},
                          {"phase": "finetune", **ft.to_dict(), "rounds_run": 20}]}
-    for e in ledger.entries_from_privacy_record(record, "run-1", "job-1"):
+    from_record = ledger.entries_from_privacy_record(record, "run-1", "job-1")
+    for e in from_record:
         ledger.append(uri, POP, e)
-    train = _mech(accountant="pld")
-    fixed = _mech(sampling="fixed", rounds=30)  # needs RDP: basic composition with the PLD phases
+    fixed = _mech(sampling="fixed", rounds=30)  # RDP: basic composition with the PLD phase
     ledger.append(uri, POP, ledger.make_entry("run-2", "job-2", "train", fixed, 30))
     doc = ledger.read(uri)
     expected = privacy.epsilon_of([(train, 50), (ft, 20), (fixed, 30)], DELTA)
     assert ledger.lifetime_epsilon(doc["entries"], DELTA) == pytest.approx(expected, rel=1e-12)
     assert doc["entries"][0]["epsilon_of_phase"] == pytest.approx(privacy.epsilon(train, 50))
-    planned = [(_mech(rounds=40, accountant="pld"), 40)]
+    planned = [(_mech(rounds=40), 40)]
     assert ledger.lifetime_epsilon(doc["entries"], DELTA, planned) == pytest.approx(
         privacy.epsilon_of([(train, 50), (ft, 20), (fixed, 30)] + planned, DELTA), rel=1e-12)
-    # Re-appending the same privacy.json (a resumed pipeline) counts nothing twice.
-    for e in ledger.entries_from_privacy_record(record, "run-1", "job-1"):
+    # Appending the same privacy.json again (a resumed pipeline) counts nothing twice.
+    for e in from_record:
         ledger.append(uri, POP, e)
     assert len(ledger.read(uri)["entries"]) == 3
 
@@ -152,6 +152,8 @@ def test_bad_entries_and_storage_errors_name_the_uri(tmp_path, entry, capsys):
         ledger.append(uri, POP, {k: v for k, v in entry.items() if k != "mechanism"})
     with pytest.raises(ValueError, match="rounds_run"):
         ledger.append(uri, POP, {**entry, "rounds_run": -1})
+    with pytest.raises(ValueError, match="epsilon_of_phase"):
+        ledger.append(uri, POP, {**entry, "epsilon_of_phase": float("inf")})
     with pytest.raises(ValueError, match="invalid mechanism"):
         ledger.append(uri, POP, {**entry, "mechanism": {**entry["mechanism"], "num_clients": 0}})
     (tmp_path / "l.json").write_text('{"format_version": 1, "entries": [')
@@ -177,7 +179,7 @@ def _append_many(uri: str, entries: list, barrier) -> None:
 
 def test_concurrent_processes_all_land(tmp_path, entry):
     uri = str(tmp_path / "l.json")
-    procs_n, per_proc = 4, 5
+    procs_n, per_proc = 3, 6  # each child imports TensorFlow (via storage): keep it few
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(procs_n)
     procs = [ctx.Process(target=_append_many,
@@ -190,7 +192,8 @@ def test_concurrent_processes_all_land(tmp_path, entry):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * procs_n
     ids = [e["entry_id"] for e in ledger.read(uri, POP)["entries"]]
-    assert sorted(ids) == sorted(f"p{p}-r{i}/train" for p in range(procs_n) for i in range(per_proc))
+    assert sorted(ids) == sorted(f"p{p}-r{i}/train" for p in range(procs_n)
+                                 for i in range(per_proc))
 
 
 # --- gs:// against a local emulator ------------------------------------------------------------
