@@ -656,7 +656,8 @@ def _typo_args(beam_args: Sequence[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     typos = _typo_args(beam_args)
     if typos:
         print(f"error: unknown argument(s) {typos} (Beam options use underscores; see --help)",

@@ -271,7 +271,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[TrainConfig, PrivacyConfig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     a = build_parser().parse_args(argv)
     try:
         train, priv = configs_from_args(a)

@@ -76,7 +76,7 @@ def _params(overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compile":
