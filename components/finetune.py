@@ -2,7 +2,8 @@
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def finetune(params_json: str, partitions: Input[Dataset], init_model: Input[Model],
+def finetune(params_json: str, pipeline_job: str, partitions: Input[Dataset],
+             init_model: Input[Model],
              prior_ledger: Input[Artifact], model: Output[Model], privacy_ledger: Output[Artifact],
              metrics: Output[Metrics]) -> None:
     """Private fine-tuning; zero rounds passes the trained model and ledger through unchanged."""
@@ -12,7 +13,7 @@ def finetune(params_json: str, partitions: Input[Dataset], init_model: Input[Mod
 
     result = steps.train_phase("finetune", json.loads(params_json), partitions.path,
                                init_model.path, model.path, privacy_ledger.path,
-                               prior_ledger=prior_ledger.path)
+                               prior_ledger=prior_ledger.path, pipeline_job=pipeline_job)
     for artifact in (model, privacy_ledger):
         artifact.metadata.update(result["metadata"])
     for k, v in result["metrics"].items():

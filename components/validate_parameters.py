@@ -39,6 +39,9 @@ def validate_parameters(users_per_client: int,
                         finetune_train_last_layers: int,
                         eval_seed: int,
                         eval_bootstrap_resamples: int,
+                        population_id: str,
+                        ledger_uri: str,
+                        lifetime_epsilon_budget: float,
                         parameters: Output[Artifact]) -> str:
     """Build every step's configuration (a bad value fails here, naming the parameter)."""
     import dataclasses
@@ -79,7 +82,10 @@ def validate_parameters(users_per_client: int,
         finetune_noise_multiplier=finetune_noise_multiplier,
         finetune_train_last_layers=finetune_train_last_layers,
         eval_seed=eval_seed,
-        eval_bootstrap_resamples=eval_bootstrap_resamples)
+        eval_bootstrap_resamples=eval_bootstrap_resamples,
+        population_id=population_id,
+        ledger_uri=ledger_uri,
+        lifetime_epsilon_budget=lifetime_epsilon_budget)
     values = dataclasses.asdict(params)
     with open(parameters.path, "w") as f:
         json.dump(values, f, indent=2, sort_keys=True)

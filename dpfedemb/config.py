@@ -245,6 +245,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LifetimeConfig:
+    """Where a run records its spending for its population, and the population's budget."""
+
+    ledger_uri: str
+    population_id: str
+    budget: Optional[float] = None
+    run_id: str = "manual"
+    pipeline_job: str = ""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.ledger_uri), "ledger_uri", self.ledger_uri, "a file path or gs:// URI")
+        _check(bool(self.population_id), "population_id", self.population_id, "non-empty")
+        _check(self.budget is None or (_finite(self.budget) and self.budget > 0),
+               "lifetime_epsilon_budget", self.budget, "a number > 0, or unset")
+        _check(bool(self.run_id), "run_id", self.run_id, "non-empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineParams:
     """Every pipeline parameter (the KFP UI form), flat, with the step configs derived from it.
 
@@ -288,8 +306,21 @@ class PipelineParams:
     finetune_train_last_layers: int = 1
     eval_seed: int = 0
     eval_bootstrap_resamples: int = 200
+    population_id: str = "default"
+    ledger_uri: str = ""
+    lifetime_epsilon_budget: float = 0.0
 
     def __post_init__(self) -> None:
+        _check(bool(self.population_id.strip()), "population_id", self.population_id,
+               "a non-empty name of the user population")
+        _check(self.ledger_uri == "" or not self.ledger_uri.endswith("/"), "ledger_uri",
+               self.ledger_uri, "empty (no lifetime ledger) or a file path / gs://bucket/object")
+        _check(_finite(self.lifetime_epsilon_budget) and self.lifetime_epsilon_budget >= 0,
+               "lifetime_epsilon_budget", self.lifetime_epsilon_budget,
+               "a number >= 0 (0 = no lifetime budget)")
+        _check(self.lifetime_epsilon_budget == 0 or self.ledger_uri != "", "ledger_uri",
+               self.ledger_uri, "set when lifetime_epsilon_budget is set (the ledger holds the "
+               "population's past spending)")
         _check(_finite(self.epsilon_budget) and self.epsilon_budget >= 0, "epsilon_budget",
                self.epsilon_budget, "a number >= 0 (0 = no budget)")
         for f in ("eval_seed", "model_seed"):
@@ -314,6 +345,13 @@ class PipelineParams:
             name = names.get(e.name, e.name)
             raise ConfigError(f"invalid {name}={e.value!r}: must be {e.allowed}", name, e.value,
                               e.allowed) from None
+
+    def lifetime(self, run_id: str, pipeline_job: str) -> Optional["LifetimeConfig"]:
+        if not self.ledger_uri:
+            return None
+        return LifetimeConfig(ledger_uri=self.ledger_uri, population_id=self.population_id,
+                              budget=self.lifetime_epsilon_budget or None, run_id=run_id,
+                              pipeline_job=pipeline_job)
 
     def partition(self) -> PartitionConfig:
         return self._derive(PartitionConfig, {

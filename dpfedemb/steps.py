@@ -96,8 +96,10 @@ def _copy_model(src: str, dst: str) -> None:
 
 
 def train_phase(phase: str, params: Mapping[str, Any], partitions: str, init_model: str,
-                output: str, ledger_path: str, prior_ledger: Optional[str]) -> dict:
-    """A private phase ('train' or 'finetune'); writes the model and the composed ledger."""
+                output: str, ledger_path: str, prior_ledger: Optional[str],
+                pipeline_job: str = "") -> dict:
+    """A private phase ('train' or 'finetune'); writes the model and the composed ledger, and
+    checks and records the population's lifetime ledger when one is configured."""
     from dpfedemb import train as train_lib
 
     p = params_of(params)
@@ -110,7 +112,8 @@ def train_phase(phase: str, params: Mapping[str, Any], partitions: str, init_mod
     else:
         record = train_lib.run_training(partitions, init_model, output, train_cfg, priv_cfg,
                                         phase=phase, prior=prior,
-                                        checkpoint_dir=f"{output.rstrip('/')}-checkpoints")
+                                        checkpoint_dir=f"{output.rstrip('/')}-checkpoints",
+                                        lifetime=p.lifetime(pipeline_job or "manual", pipeline_job))
         storage.remove_tree(f"{output.rstrip('/')}-checkpoints")  # secrets: gone once done
     storage.write_json_atomic(ledger_path, record)
     meta = {"phase": phase, **privacy.privacy_metadata(record),

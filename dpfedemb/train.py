@@ -32,7 +32,8 @@ import psutil
 from dpfedemb import clients as clients_lib
 from dpfedemb import model as model_lib
 from dpfedemb import privacy, storage
-from dpfedemb.config import ConfigError, ModelConfig, PrivacyConfig, TrainConfig, as_dict
+from dpfedemb.config import (ConfigError, LifetimeConfig, ModelConfig, PrivacyConfig, TrainConfig,
+                             as_dict)
 
 log = logging.getLogger("dpfedemb.train")
 LATEST = "LATEST"
@@ -123,10 +124,13 @@ def privacy_record(phase: str, mech: privacy.Mechanism, rounds_run: int,
 
 def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
                  priv: PrivacyConfig, *, phase: str = "train", prior: Optional[dict] = None,
-                 checkpoint_dir: Optional[str] = None,
+                 checkpoint_dir: Optional[str] = None, lifetime: Optional[LifetimeConfig] = None,
                  stop_after: Optional[int] = None) -> dict:
     """Run (or resume) a private phase and write its outputs; returns privacy.json's content.
 
+    With ``lifetime``, the phase is checked against the population's lifetime budget before any
+    round (refusing spends nothing) and recorded in its ledger when it completes (idempotent per
+    run and phase, so a resumed phase is counted once).
     ``stop_after`` ends the process after that many rounds of this invocation (fault tests)."""
     import tensorflow_federated as tff
     from dpfedemb import federated
@@ -152,6 +156,12 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
             log.warning("epsilon budget %.3f allows %d of the %d rounds; stopping there",
                         priv.epsilon_budget, budget_rounds, train.rounds)
 
+    if lifetime is not None and lifetime.budget is not None and mech.private:
+        from dpfedemb import ledger
+        would_be = ledger.check_budget(lifetime.ledger_uri, lifetime.population_id,
+                                       [(mech, budget_rounds)], lifetime.budget)
+        log.info("lifetime budget check passed: population %s would reach epsilon %.4f of %.4f",
+                 lifetime.population_id, would_be, lifetime.budget)
     spec = federated.ProcessSpec(model=model_cfg, train=train, privacy=priv_run,
                                  head_classes=head_classes)
     # Keras models built before TFF traces its computations (in v1 graphs) become unusable, so
@@ -207,6 +217,8 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
     record["stopped_by_budget"] = progress.stopped_by_budget
     if progress.rounds_run:
         record["aggregator_dp_event"] = aggregator_dp_event(state)
+    if lifetime is not None:
+        record["lifetime"] = _record_lifetime(lifetime, phase, mech, progress.rounds_run)
     backbone = model_lib.build_backbone(model_cfg)
     federated.assign_backbone(backbone, process.get_model_weights(state), spec)
     metrics = {"phase": phase, "rounds": progress.history, "rounds_run": progress.rounds_run,
@@ -217,6 +229,20 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
                             extra={"trained_by": phase, "privacy": record},
                             json_files={"privacy.json": record, "metrics.json": metrics})
     return record
+
+
+def _record_lifetime(lifetime: LifetimeConfig, phase: str, mech: privacy.Mechanism,
+                     rounds_run: int) -> dict:
+    """Append this phase to the population's ledger; returns what privacy.json records of it."""
+    from dpfedemb import ledger
+    entry = ledger.make_entry(lifetime.run_id, lifetime.pipeline_job, phase,
+                              dataclasses.replace(mech, rounds=rounds_run), rounds_run)
+    doc = ledger.append(lifetime.ledger_uri, lifetime.population_id, entry)
+    total = ledger.lifetime_epsilon(doc["entries"], doc["delta"])
+    return {"ledger_uri": lifetime.ledger_uri, "population_id": lifetime.population_id,
+            "entry_id": entry["entry_id"], "entries": len(doc["entries"]),
+            "lifetime_epsilon": privacy.epsilon_json(total),
+            "lifetime_epsilon_budget": lifetime.budget}
 
 
 def _num(x: Any) -> Optional[float]:

@@ -70,6 +70,23 @@ def audit(run_dir: str) -> dict[str, Any]:
         distinct = {repr(v) for v in values.values()}
         if len(distinct) > 1:
             problems.append(f"{key} disagrees: {values}")
+    lifetime = ledger.get("lifetime")
+    if lifetime:
+        from dpfedemb import ledger as ledger_lib
+        doc = ledger_lib.read(lifetime["ledger_uri"], lifetime["population_id"])
+        mine = {e["phase"]: e for e in doc["entries"]
+                if e["entry_id"].rsplit("/", 1)[0] == lifetime["entry_id"].rsplit("/", 1)[0]}
+        for ph in ledger.get("phases", []):
+            entry = mine.get(ph["phase"])
+            if entry is None:
+                problems.append(f"lifetime ledger {lifetime['ledger_uri']} lacks phase "
+                                f"{ph['phase']} of this run")
+            elif (entry["rounds_run"], entry["epsilon_of_phase"]) != (ph["rounds_run"],
+                                                                       ph["epsilon"]):
+                problems.append(f"lifetime ledger entry {entry['entry_id']} disagrees with the "
+                                f"run's ledger: {entry['rounds_run']} rounds, epsilon "
+                                f"{entry['epsilon_of_phase']} vs {ph['rounds_run']}, "
+                                f"{ph['epsilon']}")
     recall = {name: m.get("subsets", {}).get("all", {}).get("recall_at_1")
               for name, m in metrics.get("models", {}).items()}
     chain = [
@@ -86,6 +103,7 @@ def audit(run_dir: str) -> dict[str, Any]:
          "phases": [{k: ph.get(k) for k in ("phase", "rounds_run", "noise_multiplier",
                                             "epsilon")} for ph in ledger.get("phases", [])]},
         {"step": "evaluate", "uri": _path(evaluation), "recall_at_1": recall},
+        {"step": "lifetime ledger", **(lifetime or {"ledger_uri": None})},
     ]
     report_md = _find(arts, "evaluate", "report_md")
     report_html = _find(arts, "evaluate", "report_html")

@@ -64,6 +64,9 @@ def build_pipeline(accelerator: str = DEFAULT_ACCELERATOR, cpu_image: str = comp
         finetune_train_last_layers: int = D.finetune_train_last_layers,
         eval_seed: int = D.eval_seed,
         eval_bootstrap_resamples: int = D.eval_bootstrap_resamples,
+        population_id: str = D.population_id,
+        ledger_uri: str = D.ledger_uri,
+        lifetime_epsilon_budget: float = D.lifetime_epsilon_budget,
     ):
         """DP-FedEmb training pipeline.
 
@@ -103,6 +106,9 @@ def build_pipeline(accelerator: str = DEFAULT_ACCELERATOR, cpu_image: str = comp
             finetune_train_last_layers: backbone layers fine-tuning trains (from the top; 0 = all).
             eval_seed: seed of impostor-pair sampling and bootstrap.
             eval_bootstrap_resamples: bootstrap resamples for confidence intervals.
+            population_id: name of the user population whose lifetime privacy spending the ledger tracks.
+            ledger_uri: lifetime privacy ledger (file or gs://bucket/object; empty = none).
+            lifetime_epsilon_budget: refuse to train if the population's lifetime epsilon would pass this (0 = none).
         """
         params = c.validate_parameters(
             users_per_client=users_per_client,
@@ -138,6 +144,9 @@ def build_pipeline(accelerator: str = DEFAULT_ACCELERATOR, cpu_image: str = comp
             finetune_train_last_layers=finetune_train_last_layers,
             eval_seed=eval_seed,
             eval_bootstrap_resamples=eval_bootstrap_resamples,
+            population_id=population_id,
+            ledger_uri=ledger_uri,
+            lifetime_epsilon_budget=lifetime_epsilon_budget,
         ).set_display_name("validate parameters")
         params_json = params.outputs["Output"]
         part = c.partition_users(data_dir=data_dir, params_json=params_json,
@@ -147,11 +156,13 @@ def build_pipeline(accelerator: str = DEFAULT_ACCELERATOR, cpu_image: str = comp
         pre.set_display_name("pretrain (public, non-private)").after(params)
         pre.set_cpu_limit("4").set_memory_limit("16G")
         trn = c.train_dp_federated(params_json=params_json, partitions=part.outputs["partitions"],
-                                   init_model=pre.outputs["model"])
+                                   init_model=pre.outputs["model"],
+                                   pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         trn.set_display_name("DP federated training")
         fin = c.finetune(params_json=params_json, partitions=part.outputs["partitions"],
                          init_model=trn.outputs["model"],
-                         prior_ledger=trn.outputs["privacy_ledger"])
+                         prior_ledger=trn.outputs["privacy_ledger"],
+                         pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         fin.set_display_name("DP fine-tuning")
         for task in (trn, fin):
             task.set_cpu_limit("8").set_memory_limit("32G")

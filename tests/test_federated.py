@@ -222,3 +222,23 @@ def test_sigkill_three_times_then_resume_matches_the_uninterrupted_run(setup, un
     assert rounds == [1, 2, 3, 4, 5, 6]
     for a, b in zip(_weights(full), _weights(out)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lifetime_budget_refuses_before_any_round_and_records_once(setup, tmp_path):
+    from dpfedemb import ledger
+    from dpfedemb.config import LifetimeConfig
+    uri = str(tmp_path / "ledger.json")
+    tcfg = TrainConfig(**{**FAST, "rounds": 2})
+    pcfg = PrivacyConfig(noise_multiplier=1.0, clients_per_round=4, delta=1e-3)
+    life = LifetimeConfig(ledger_uri=uri, population_id="pop", budget=1e9, run_id="run-1")
+    out, rec = _run(setup, "life1", tcfg, pcfg, lifetime=life)
+    assert rec["lifetime"]["entries"] == 1
+    assert rec["lifetime"]["lifetime_epsilon"] == pytest.approx(rec["epsilon"])
+    spent = rec["epsilon"]
+    before = open(uri, "rb").read()
+    tight = LifetimeConfig(ledger_uri=uri, population_id="pop", budget=spent * 1.01, run_id="run-2")
+    with pytest.raises(ledger.LifetimeBudgetExceeded) as e:
+        _run(setup, "life2", tcfg, pcfg, lifetime=tight)
+    assert f"{spent:.3f}"[:4] in str(e.value) and "pop" in str(e.value)
+    assert open(uri, "rb").read() == before  # refusing spent nothing
+    assert not os.path.exists(str(setup["dir"] / "life2"))

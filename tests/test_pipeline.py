@@ -54,9 +54,10 @@ def test_components_inputs_and_outputs(tmp_path):
     assert io("partition-users") == ({"data_dir", "params_json", "pseudonym_key_file"},
                                      {"partitions", "stats"})
     assert io("pretrain-public") == ({"data_dir", "params_json"}, {"model", "metrics"})
-    assert io("train-dp-federated") == ({"params_json", "partitions", "init_model"},
+    assert io("train-dp-federated") == ({"params_json", "pipeline_job", "partitions", "init_model"},
                                         {"model", "privacy_ledger", "metrics"})
-    assert io("finetune") == ({"params_json", "partitions", "init_model", "prior_ledger"},
+    assert io("finetune") == ({"params_json", "pipeline_job", "partitions", "init_model",
+                               "prior_ledger"},
                               {"model", "privacy_ledger", "metrics"})
     assert io("evaluate")[1] == {"metrics", "evaluation", "report_md", "report_html"}
     types = comps["comp-evaluate"]["outputDefinitions"]["artifacts"]

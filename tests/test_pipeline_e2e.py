@@ -27,7 +27,9 @@ def run(tmp_path_factory):
     from pipeline.__main__ import _params
     params = _params([("rounds", 2), ("clients_per_round", 4), ("pretrain_epochs", 1),
                       ("finetune_rounds", 1), ("eval_bootstrap_resamples", 10),
-                      ("embedding_dim", 16), ("max_examples_per_client", 16)])
+                      ("embedding_dim", 16), ("max_examples_per_client", 16),
+                      ("ledger_uri", str(d / "ledger.json")), ("population_id", "test-pop"),
+                      ("lifetime_epsilon_budget", 1e6)])
     summary = local_run.run(str(d / "data"), "/nonexistent", str(d / "runs"), params)
     return {"summary": summary, "users": set(users), "dir": d}
 
@@ -68,6 +70,12 @@ def test_every_artifact_exists_and_carries_the_privacy_keys(run):
 def test_audit_reads_the_same_numbers(run):
     report = audit.audit(run["summary"]["run_dir"])
     assert report["consistent"], report["problems"]
+    from dpfedemb import ledger
+    doc = ledger.read(str(run["dir"] / "ledger.json"), "test-pop")
+    assert [e["phase"] for e in doc["entries"]] == ["train", "finetune"]
+    assert ledger.lifetime_epsilon(doc["entries"], doc["delta"]) == pytest.approx(
+        run["summary"]["epsilon"])
+    assert report["chain"][-1]["population_id"] == "test-pop"
     assert report["privacy"]["epsilon"] == run["summary"]["epsilon"]
     assert report["parameters"]["rounds"] == 2
 
