@@ -67,8 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"users {a.users}, {a.clients_per_round} per round (q = {base.sampling_rate:g}), "
           f"z = {a.noise_multiplier}, delta = {delta:g}, {a.repeats} repeats")
     print(common.table(["measurement", "median s", "min s", "max s", "value"],
-                       [[n, r["median_s"], r["min_s"], r["max_s"], f"{r['value_is']} {r['value']:.4g}"]
-                        for n, r in rows.items()]))
+                       [[n, r["median_s"], r["min_s"], r["max_s"],
+                         f"{r['value_is']} {r['value']:.4g}"] for n, r in rows.items()]))
     pld_key, rdp_key = f"epsilon_pld_{a.rounds}_rounds", f"epsilon_rdp_{a.rounds}_rounds"
     ratio = rows[pld_key]["median_s"] / max(rows[rdp_key]["median_s"], 1e-9)
     print(f"\nPLD / RDP time for epsilon after {a.rounds} rounds: {ratio:.1f}x")

@@ -18,7 +18,8 @@ def results_path(name: str) -> str:
 
 def machine() -> dict[str, Any]:
     """Platform, CPU count and load (the development machines are shared and noisy)."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 

@@ -1,4 +1,5 @@
-"""Privacy at scale (issue #9): epsilon and calibrated noise as the population grows, accountant only.
+"""Privacy at scale (issue #9): epsilon and calibrated noise as the population grows (accountant
+only, no training).
 
 ``python -m bench.privacy_scale [--users 10000 100000 1000000] [--clients-per-round 100 1000]
 [--rounds 1000 3000] [--noise-multipliers 0.5 1.0] [--target-epsilons 1 2 4 8] [--budget-s 240]``
@@ -12,8 +13,9 @@ clipping, add/remove one user), clients per round and number of rounds, at delta
 
 PLD gets slow at small noise multipliers, so a calibration is skipped (and said so) when the
 epsilon at ``--slow-below`` (default 0.5) already meets the target: the answer is then below that
-value, where one calibration can take minutes. Calibrations run cheapest first (largest expected
-noise multiplier) until ``--budget-s`` is spent; the rest are reported as skipped for time.
+value, where one calibration can take minutes. Calibrations run smallest target epsilon first
+(largest noise multipliers, the cheapest), cheapest first within a target, until ``--budget-s`` is
+spent; the rest are reported as skipped for time.
 Results: ``bench/results/privacy_scale.json``.
 """
 from __future__ import annotations
@@ -78,9 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "seconds_pld": round(s_pld, 3), "seconds_rdp": round(s_rdp, 3)})
         print(f"epsilon: users {n} per round {c} rounds {t} done", flush=True)
 
-    # 2. Calibration, cheapest first (hardness: target / epsilon at z = 1; larger = smaller z).
+    # 2. Calibration: smallest target epsilon first (larger noise multipliers: cheaper), and
+    # within one target cheapest first (target / epsilon at z = 1; larger = smaller z = slower).
     tasks = sorted(((n, c, t, e) for n, c, t in settings for e in a.target_epsilons),
-                   key=lambda k: k[3] / max(eps_of[(k[0], k[1], k[2], 1.0)], 1e-12))
+                   key=lambda k: (k[3], k[3] / max(eps_of[(k[0], k[1], k[2], 1.0)], 1e-12)))
     cal: dict[tuple[int, int, int, float], dict[str, Any]] = {}
     spent = 0.0
     for n, c, t, target in tasks:

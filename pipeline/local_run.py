@@ -1,7 +1,7 @@
 """Run the whole DAG locally: kfp.local SubprocessRunner in this environment, local paths.
 
-The pseudonym key is a fresh random run secret held in a private temporary file that is deleted
-when the run ends; it never enters ``runs/``. After the run, ``lineage.json`` records the
+The pseudonym key (``$DPFEDEMB_PSEUDONYM_KEY``, or else a fresh random run secret) is held in a
+private temporary file that is deleted when the run ends; it never enters ``runs/``. After the run, ``lineage.json`` records the
 parameters and every artifact (URI and metadata) for ``python -m pipeline audit``.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run(data_dir: str, fashion_mnist_dir: str, runs_dir: str, params: dict[str, 
     with tempfile.TemporaryDirectory(prefix="dpfedemb-secret-") as secret_dir:
         key_file = os.path.join(secret_dir, "pseudonym.key")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write(secrets.token_hex(32))
+            f.write(os.environ.get("DPFEDEMB_PSEUDONYM_KEY") or secrets.token_hex(32))
         pipeline_fn(data_dir=os.path.abspath(data_dir), pseudonym_key_file=key_file, **params)
     artifacts = _artifacts(root)
     lineage = {"pipeline": dag.PIPELINE_NAME, "run": stamp, "data_dir": os.path.abspath(data_dir),

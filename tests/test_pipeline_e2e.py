@@ -30,8 +30,35 @@ def run(tmp_path_factory):
                       ("embedding_dim", 16), ("max_examples_per_client", 16),
                       ("ledger_uri", str(d / "ledger.json")), ("population_id", "test-pop"),
                       ("lifetime_epsilon_budget", 1e6)])
-    summary = local_run.run(str(d / "data"), "/nonexistent", str(d / "runs"), params)
-    return {"summary": summary, "users": set(users), "dir": d}
+    key = "e2e-known-pseudonym-key-0123456789"
+    log = d / "run.log"
+    # Every log line of the run (ours, TFF's, Beam's, KFP's subprocesses) lands in run.log.
+    saved = [os.dup(1), os.dup(2)]
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    old = os.environ.get("DPFEDEMB_PSEUDONYM_KEY")
+    os.environ["DPFEDEMB_PSEUDONYM_KEY"] = key
+    import contextlib
+    import sys
+    try:
+        with open(log, "a", buffering=1) as py_log, contextlib.redirect_stdout(py_log), \
+                contextlib.redirect_stderr(py_log):
+            import logging
+            handler = logging.StreamHandler(py_log)
+            logging.getLogger().addHandler(handler)
+            try:
+                summary = local_run.run(str(d / "data"), "/nonexistent", str(d / "runs"), params)
+            finally:
+                logging.getLogger().removeHandler(handler)
+                sys.stdout.flush()
+    finally:
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        os.close(fd)
+        if old is None:
+            del os.environ["DPFEDEMB_PSEUDONYM_KEY"]
+        else:
+            os.environ["DPFEDEMB_PSEUDONYM_KEY"] = old
+    return {"summary": summary, "users": set(users), "dir": d, "key": key.encode(), "log": log}
 
 
 def test_run_ends_with_a_consistent_summary(run):
@@ -80,13 +107,16 @@ def test_audit_reads_the_same_numbers(run):
     assert report["parameters"]["rounds"] == 2
 
 
-def test_no_raw_user_id_and_no_secret_in_any_output(run):
-    needles = [u for u in run["users"]] + [b"secret-person"]
-    for dirpath, _, files in os.walk(run["summary"]["run_dir"]):
-        for name in files:
-            data = open(os.path.join(dirpath, name), "rb").read()
-            assert not any(n in data for n in needles), os.path.join(dirpath, name)
-    assert not [p for p in os.listdir(run["dir"]) if "secret" in p]
+def test_no_raw_user_id_and_no_key_in_any_artifact_report_log_or_ledger(run):
+    needles = [u for u in run["users"]] + [b"secret-person", run["key"]]
+    files = [os.path.join(dirpath, name) for dirpath, _, names in
+             os.walk(run["summary"]["run_dir"]) for name in names]
+    files += [str(run["log"]), str(run["dir"] / "ledger.json")]
+    assert len(files) > 20
+    for path in files:
+        data = open(path, "rb").read()
+        assert not any(n in data for n in needles), path
+    assert b"round 2/2" in open(run["log"], "rb").read()  # the log was really captured
 
 
 def test_no_tff_worker_left_behind(run):
