@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
+from typing import Any, Mapping, Optional, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -151,11 +151,6 @@ def as_dict(cfg: Any) -> dict[str, Any]:
             return {k: conv(x) for k, x in v.items()}
         return v
     return conv(dataclasses.asdict(cfg))
-
-
-def names(cfgs: Iterable[Any]) -> list[str]:
-    """Field names of several configs (used to build CLIs and KFP parameter lists)."""
-    return [f.name for c in cfgs for f in dataclasses.fields(c)]
 
 
 MECHANISMS = ("gaussian_fixed", "gaussian_adaptive", "tree_aggregation")

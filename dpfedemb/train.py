@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import atexit
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -41,7 +42,13 @@ LATEST = "LATEST"
 
 def stop_tff_workers() -> None:
     """Stop the C++ worker_binary processes TFF's default context started from this process
-    (they outlive Python otherwise)."""
+    (they outlive Python otherwise). TFF keeps using the process afterwards: a fresh execution
+    context replaces the old one and starts a new worker when next needed."""
+    tff = sys.modules.get("tensorflow_federated")
+    if tff is not None:
+        # Dropping the old context lets its ServiceManager stop its worker (SIGINT, then wait).
+        tff.backends.native.set_sync_local_cpp_execution_context()
+        gc.collect()
     for child in psutil.Process().children(recursive=True):
         try:
             if "worker_binary" in " ".join(child.cmdline()):
@@ -98,6 +105,12 @@ def _checkpoint_load(ckpt_dir: str, structure: Any) -> Optional[tuple[Any, Progr
     return saved["state"], Progress(**p)
 
 
+def phase_mechanisms(phases: list) -> list[tuple[privacy.Mechanism, int]]:
+    """(Mechanism, rounds run) of each phase recorded in a privacy.json."""
+    from dpfedemb.ledger import mechanism_of
+    return [(mechanism_of(ph), int(ph["rounds_run"])) for ph in phases]
+
+
 def privacy_record(phase: str, mech: privacy.Mechanism, rounds_run: int,
                    prior: Optional[dict], population: dict) -> dict:
     """privacy.json: this phase composed with earlier ones; flat keys describe this phase."""
@@ -106,10 +119,7 @@ def privacy_record(phase: str, mech: privacy.Mechanism, rounds_run: int,
             "epsilon": privacy.epsilon_json(privacy.epsilon(mech, rounds_run)),
             "dp_event": repr(privacy.phase_event(mech, rounds_run))}
     phases.append(this)
-    mechs = [(privacy.Mechanism(**{k: v for k, v in ph.items()
-                                   if k in {f.name for f in dataclasses.fields(privacy.Mechanism)}}),
-              int(ph["rounds_run"])) for ph in phases]
-    total = privacy.epsilon_of(mechs, mech.delta)
+    total = privacy.epsilon_of(phase_mechanisms(phases), mech.delta)
     return {"unit": "user (all of one user's examples)", "phases": phases,
             "epsilon": privacy.epsilon_json(total), "delta": mech.delta,
             "private": not math.isinf(total),
@@ -140,15 +150,12 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
                                     local_labels=train.algorithm == "dp_fedemb")
     head_classes = store.max_local_classes if train.algorithm == "dp_fedemb" \
         else store.num_global_classes
-    priv_run = priv
     if priv.clients_per_round > len(store.ids):
         raise ConfigError(f"invalid clients_per_round={priv.clients_per_round}: the partition has "
                           f"only {len(store.ids)} virtual clients")
-    mech = privacy.mechanism_from(priv_run, len(store.ids), store.users_per_client, train.rounds)
+    mech = privacy.mechanism_from(priv, len(store.ids), store.users_per_client, train.rounds)
     population = {"num_users": store.num_users, "num_clients": len(store.ids)}
-    prior_mechs = [(privacy.Mechanism(**{k: v for k, v in ph.items()
-                                         if k in {f.name for f in dataclasses.fields(privacy.Mechanism)}}),
-                    int(ph["rounds_run"])) for ph in (prior or {}).get("phases", [])]
+    prior_mechs = phase_mechanisms((prior or {}).get("phases", []))
     budget_rounds = train.rounds
     if priv.epsilon_budget is not None and mech.private:
         budget_rounds = _rounds_within_budget(mech, prior_mechs, priv.epsilon_budget, train.rounds)
@@ -162,7 +169,7 @@ def run_training(partition_dir: str, init: str, output: str, train: TrainConfig,
                                        [(mech, budget_rounds)], lifetime.budget)
         log.info("lifetime budget check passed: population %s would reach epsilon %.4f of %.4f",
                  lifetime.population_id, would_be, lifetime.budget)
-    spec = federated.ProcessSpec(model=model_cfg, train=train, privacy=priv_run,
+    spec = federated.ProcessSpec(model=model_cfg, train=train, privacy=priv,
                                  head_classes=head_classes)
     # Keras models built before TFF traces its computations (in v1 graphs) become unusable, so
     # take the weights out first and rebuild the backbone at the end.

@@ -79,3 +79,12 @@ def test_gpu_only_on_the_two_training_tasks_and_accelerator_is_a_compile_option(
     assert execs["exec-partition-users"]["container"]["image"] == "dpfedemb-cpu:latest"
     assert all("resourceCpuLimit" in v["container"]["resources"]
                for k, v in execs.items() if k != "exec-validate-parameters")
+
+
+def test_validate_component_takes_exactly_the_pipeline_parameters():
+    """The parameter list is written out twice (KFP extracts component source, so it cannot be
+    generated): this keeps both copies equal to PipelineParams."""
+    import inspect
+    from components.validate_parameters import validate_parameters
+    names = [n for n in inspect.signature(validate_parameters).parameters if n != "parameters"]
+    assert names == [f.name for f in dataclasses.fields(PipelineParams)]
