@@ -135,3 +135,17 @@ def test_failure_midway_leaves_no_partial_output(tmp_path, tiny_images, monkeypa
         importers.import_arrays(x, y, None, str(tmp_path / "o"), SimulationConfig(), source="t",
                                 licence="t", eval_fraction=0.3)
     assert os.listdir(tmp_path) == []
+
+
+def test_record_reader_matches_tensorflow_and_detects_damage(tmp_path):
+    from dpfedemb import storage
+    recs = [b"a" * n for n in (0, 1, 100, 5000)]
+    [path] = records.write_shards(recs, str(tmp_path), "x", 1)
+    assert list(records.read_file_records(path)) == recs
+    data = open(path, "rb").read()
+    for name, damaged in (("cut", data[:-3]), ("header", data[:len(data) - 5004 - 9]),
+                          ("flip", data[:30] + bytes([data[30] ^ 1]) + data[31:])):
+        bad = tmp_path / f"{name}.tfrecord"
+        bad.write_bytes(damaged)
+        with pytest.raises(storage.StorageError, match=str(bad)):
+            list(records.read_file_records(str(bad)))

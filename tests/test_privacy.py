@@ -127,3 +127,12 @@ def test_privacy_config_validation():
         PrivacyConfig(delta=1.0)
     with pytest.raises(ConfigError, match="rdp"):
         PrivacyConfig(mechanism="tree_aggregation", accountant="pld")
+
+
+@pytest.mark.parametrize("rounds", [1, 7, 300])
+def test_memoized_pld_path_equals_the_pld_accountant(rounds):
+    a, b = _mech(), _mech(noise_multiplier=1.7, clients_per_round=300)
+    acct = pld_privacy_accountant.PLDAccountant()
+    acct.compose(ev.ComposedDpEvent([privacy.phase_event(a, rounds), privacy.phase_event(b, 5)]))
+    assert privacy.epsilon_of([(a, rounds), (b, 5)], 1e-6) == pytest.approx(
+        acct.get_epsilon(1e-6), rel=1e-12)
