@@ -100,7 +100,7 @@ def similarity_histograms(metrics: Mapping, subset: str = "all") -> Optional[str
         return None
     cols = min(3, len(models))
     rows = -(-len(models) // cols)
-    fig = Figure(figsize=(4 * cols, 2.8 * rows))
+    fig = Figure(figsize=(4 * cols, 2.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
     widths = np.diff(edges)
     for ax, m in zip(axes, models):

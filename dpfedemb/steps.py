@@ -139,10 +139,15 @@ def evaluate(data_dir: str, params: Mapping[str, Any], partitions: str, models: 
             "--card", storage.join(data_dir, CARD), "--privacy", ledger_path,
             "--partition-stats", storage.join(partitions, "stats.json"),
             "--seed", str(p.eval_seed), "--bootstrap-resamples", str(p.eval_bootstrap_resamples)]
+    phases = {"trained": "train", "finetuned": "finetune"}
     for name, path in models.items():
         args += ["--model", f"{name}={path}"]
-        if storage.exists(storage.join(path, "metrics.json")) and name != "pretrained":
-            args += ["--training-metrics", f"{name}={storage.join(path, 'metrics.json')}"]
+        metrics_path = storage.join(path, "metrics.json")
+        # A skipped fine-tuning phase passes the trained model through: its metrics.json is
+        # training's, already plotted under "trained".
+        if name in phases and storage.exists(metrics_path) and \
+                storage.read_json(metrics_path).get("phase") == phases[name]:
+            args += ["--training-metrics", f"{name}={metrics_path}"]
     if evaluate_lib.main(args) != 0:
         raise RuntimeError("evaluation failed: see the error above")
     shutil.copyfile(storage.join(output_dir, "report.md"), report_md)
