@@ -8,11 +8,18 @@ L2 norm C; the server adds N(0, (z C)^2) to the sum.
 - k = 1: a virtual client is one user; adding or removing the user adds or removes one clipped
   delta, sensitivity C: ``add_or_remove_one_user``, accounted as ADD_OR_REMOVE_ONE with noise
   multiplier z.
-- k > 1 (and fixed-size sampling, where the accountant's relation is replace-one): removing a
-  user *changes* its virtual client's delta rather than removing it. Both versions are clipped to
-  C, so the sum moves by at most 2C (measured in tests/test_privacy.py). We account with
-  sensitivity 2C, i.e. the accountant's noise multiplier is z / 2:
-  ``change_one_user_in_virtual_client`` (sensitivity 2C).
+- k > 1 (and fixed-size sampling, where the accountant's relation is replace-one): changing or
+  removing one user's examples *changes* its virtual client's delta rather than removing it. Both
+  versions are clipped to C, so the sum moves by at most 2C (measured in
+  tests/test_federated.py). We account with sensitivity 2C, i.e. the accountant's noise
+  multiplier is z / 2: ``change_one_user_in_virtual_client`` (sensitivity 2C).
+  Scope of this relation: the partition step groups users by a ranking of *all* pseudonyms, so
+  the grouping is a function of the set of user ids. The guarantee covers everything a user
+  contributes (all examples, any values) with that set held fixed; it does not hide whether a
+  user id is in the population. With k = 1 the grouping plays no role and adding or removing a
+  user is covered as well. Hiding membership with k > 1 needs a grouping that one user cannot
+  shift (e.g. hashing pseudonyms into a number of clients fixed in advance, at the price of
+  unequal client sizes).
 - tree_aggregation (DP-FTRL): no sampling; each virtual client takes part at most once per epoch;
   accounted with SingleEpochTreeAggregationDpEvent under RDP with REPLACE_SPECIAL.
 A noise multiplier of 0 is not private: epsilon is infinity, reported as such, never a number.
