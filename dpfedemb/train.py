@@ -79,15 +79,14 @@ def _checkpoint_save(ckpt_dir: str, state: Any, progress: Progress) -> None:
     manager = tff.program.FileProgramStateManager(stage, prefix="round_")
     asyncio.run(manager.save({"state": state, "progress": json.dumps(dataclasses.asdict(progress))},
                              version))
-    import tensorflow as tf
     final = storage.join(ckpt_dir, f"round_{version}")
-    if storage.exists(final):
-        storage.remove_tree(final)
-    tf.io.gfile.rename(storage.join(stage, f"round_{version}"), final)
-    storage.remove_tree(stage)
+    # publish_dir renames locally and copies object by object on gs:// (no directory rename).
+    storage.publish_dir(storage.join(stage, f"round_{version}"), final)
     storage.write_json_atomic(storage.join(ckpt_dir, LATEST), {"version": version})
-    for old in storage.glob(storage.join(ckpt_dir, "round_*")):
-        if not old.endswith(f"round_{version}"):
+    # Older versions and the debris of saves killed midway are never read again.
+    for old in storage.glob(storage.join(ckpt_dir, "round_*")) + \
+            storage.glob(storage.join(ckpt_dir, "staging-*")):
+        if old.rstrip("/").rsplit("/", 1)[-1] != f"round_{version}":
             storage.remove_tree(old)
 
 
