@@ -57,6 +57,7 @@ INVALID = [
     (TrainConfig, "checkpoint_every", 0, ">= 1"),
     (TrainConfig, "seed", -1, ">= 0"),
     (TrainConfig, "head", "mlp", "'dense' or 'cosine'"),
+    (TrainConfig, "head_init", "zeros", "'prototype'"),
     (ModelConfig, "embedding_dim", True, "integer"),
 ]
 
