@@ -205,6 +205,7 @@ class TrainConfig:
     batch_size: int = 16
     max_examples_per_client: int = 64
     head: str = "dense"
+    head_init: str = "prototype"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
     train_last_layers: int = 0
@@ -228,6 +229,8 @@ class TrainConfig:
         _check(_int(self.max_examples_per_client) and self.max_examples_per_client >= 1,
                "max_examples_per_client", self.max_examples_per_client, "an integer >= 1")
         _check(self.head in ("dense", "cosine"), "head", self.head, "'dense' or 'cosine'")
+        _check(self.head_init in ("prototype", "random"), "head_init", self.head_init,
+               "'prototype' (class means of the client's embeddings) or 'random' (seeded)")
         _check(_finite(self.server_momentum) and 0 <= self.server_momentum < 1,
                "server_momentum", self.server_momentum, "in [0, 1)")
         _check(_int(self.train_last_layers) and self.train_last_layers >= 0, "train_last_layers",

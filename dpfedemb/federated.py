@@ -2,7 +2,8 @@
 
 DP-FedEmb (Xu et al., CVPR 2023): only the backbone is broadcast and aggregated (partial
 aggregation). Each sampled virtual client builds a fresh classification head over its own classes
-(labels remapped to local ids; the head is never sent or stored), trains the head alone for
+(labels remapped to local ids; the head is never sent or stored), starts it at the client's
+class-mean embeddings (``head_init='prototype'``), trains the head alone for
 ``reconstruction_steps`` batches, then backbone and head together (head learning rate = client
 learning rate x ``head_lr_scale``), and returns only its backbone delta. A delta with a non-finite
 value is replaced by zeros and counted. The server clips each delta to L2 norm C, sums, adds
@@ -28,6 +29,10 @@ import tensorflow_federated as tff
 
 from dpfedemb import model as model_lib
 from dpfedemb.config import ModelConfig, PrivacyConfig, TrainConfig
+
+
+# Logit scale of an imprinted dense head: logits = 10 x cosine(embedding, class mean).
+PROTOTYPE_LOGIT_SCALE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +123,30 @@ def _client_update_fn(spec: ProcessSpec) -> Callable[..., Any]:
                 v.assign_sub(head_lr * g)
             return acc[0] + loss, acc[1] + 1.0, acc[2] + tf.cast(tf.shape(y)[0], tf.float32)
 
+        def imprint(dataset: tf.data.Dataset) -> None:
+            """Start the fresh local head at the client's normalized class means ("weight
+            imprinting"): a head that already fits before the backbone sees its gradients, so
+            the first joint steps do not pull embeddings towards a random head."""
+            def add(acc: Any, batch: Any) -> Any:
+                x, y = batch
+                e = backbone(model_lib.scale_pixels(x), training=False)
+                return acc + tf.math.unsorted_segment_sum(e, y, spec.head_classes)
+            sums = dataset.reduce(tf.zeros([spec.head_classes, spec.model.embedding_dim]), add)
+            protos = tf.transpose(tf.math.l2_normalize(sums, axis=1))  # absent classes stay 0
+            scale = PROTOTYPE_LOGIT_SCALE if spec.train.head == "dense" else 1.0
+            head_vars[0].assign(scale * protos)
+
         @tf.function
         def run(initial: Any, dataset: tf.data.Dataset) -> Any:
             for v, w in zip(trainable, initial.trainable):
                 v.assign(w)
             for v, w in zip(frozen, initial.non_trainable):
                 v.assign(w)
+            if not glob and t.head_init == "prototype":
+                imprint(dataset)
             if not glob and t.reconstruction_steps > 0:
-                dataset.take(t.reconstruction_steps).reduce(tf.constant(0.0), head_step)
+                # repeat(): small clients still get all their head-only steps.
+                dataset.repeat().take(t.reconstruction_steps).reduce(tf.constant(0.0), head_step)
             loss_sum, batches, examples = dataset.repeat(t.local_epochs).reduce(
                 (tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)), joint_step)
             delta = [w - v for w, v in zip(initial.trainable, trainable)]
