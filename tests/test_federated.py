@@ -242,3 +242,14 @@ def test_lifetime_budget_refuses_before_any_round_and_records_once(setup, tmp_pa
     assert f"{spent:.3f}"[:4] in str(e.value) and "pop" in str(e.value)
     assert open(uri, "rb").read() == before  # refusing spent nothing
     assert not os.path.exists(str(setup["dir"] / "life2"))
+
+
+def test_worker_restarts_mid_run_change_nothing(setup, uninterrupted, monkeypatch):
+    """TFF's worker is restarted when its memory passes a limit (it leaks per round); with the
+    limit at 0 it restarts after every round and the run still equals the uninterrupted one."""
+    monkeypatch.setattr(train, "WORKER_RSS_LIMIT", 0)
+    full, rec = uninterrupted
+    out, again = _run(setup, "restarts", TrainConfig(**FAST), PrivacyConfig(**NOISE_OFF))
+    assert again["rounds"] == rec["rounds"]
+    for a, b in zip(_weights(full), _weights(out)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
