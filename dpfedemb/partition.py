@@ -251,28 +251,9 @@ def parse_dead_letter(serialized: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- Beam transforms (all picklable)
 
 def read_tfrecord_file(path: str) -> Iterator[bytes]:
-    """Records of one file; a CRC error or a truncation anywhere raises StorageError naming it.
-
-    TensorFlow's reader checks CRCs and cut records but silently stops at a cut record header, so
-    the bytes read are also compared with the file size.
-    """
-    try:
-        size = tf.io.gfile.stat(path).length
-    except tf.errors.OpError as e:
-        raise storage.StorageError(f"cannot read {path}: {e.message.strip()}") from None
-    consumed = 0
-    try:
-        for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            consumed += len(rec) + 16  # 8 length + 4 length CRC + data + 4 data CRC
-            yield rec
-    except tf.errors.DataLossError as e:
-        detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message).strip()
-        raise storage.StorageError(f"{path} is not valid TFRecord data ({detail}): the file is "
-                                   "truncated or corrupt; fix or remove it and rerun") from None
-    if consumed != size:
-        raise storage.StorageError(
-            f"{path} is not valid TFRecord data ({size - consumed} bytes after the last complete "
-            "record): the file is truncated or corrupt; fix or remove it and rerun")
+    """Records of one file; a CRC error or a truncation anywhere raises StorageError naming it
+    (:func:`dpfedemb.data.records.read_file_records`: one read, framing and CRCs checked)."""
+    return records.read_file_records(path)
 
 
 class _ReadFile(beam.DoFn):

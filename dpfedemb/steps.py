@@ -6,7 +6,6 @@ artifacts (privacy keys named as in :data:`dpfedemb.privacy.PRIVACY_KEYS`, every
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -45,18 +44,6 @@ def _numbers(d: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def read_key(pseudonym_key_file: str) -> bytes:
-    """The pseudonym key: from the file given, else $DPFEDEMB_PSEUDONYM_KEY."""
-    if pseudonym_key_file:
-        return storage.read_bytes(pseudonym_key_file).strip()
-    env = os.environ.get("DPFEDEMB_PSEUDONYM_KEY", "")
-    if not env:
-        raise storage.StorageError("no pseudonym key: set the pipeline parameter "
-                                   "pseudonym_key_file or the environment variable "
-                                   "DPFEDEMB_PSEUDONYM_KEY (a run secret, never an artifact)")
-    return env.encode()
-
-
 def partition(data_dir: str, output: str, params: Mapping[str, Any],
               pseudonym_key_file: str) -> dict:
     from dpfedemb import partition as partition_lib
@@ -64,7 +51,8 @@ def partition(data_dir: str, output: str, params: Mapping[str, Any],
     p = params_of(params)
     card = _card(data_dir)
     stats = partition_lib.run_partition(_split_glob(data_dir, "private"), output, p.partition(),
-                                        read_key(pseudonym_key_file))
+                                        partition_lib.resolve_key(pseudonym_key_file or None,
+                                                                  False, os.environ))
     meta = {"data_dir": data_dir, "data_sha256": card["splits"]["private"]["sha256"],
             "source": card.get("source"), "stats": stats}
     keys = ("records_in", "examples_kept", "dead_lettered", "users", "users_dropped",
